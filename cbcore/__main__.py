@@ -1,0 +1,3 @@
+from cbcore.cli import main
+
+raise SystemExit(main())
