@@ -125,9 +125,8 @@ def augment(x_uint8: Tensor, generator: torch.Generator, pad: int) -> Tensor:
     ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
     rows = ar_h + shift[0, :, None]  # (N, H) source row of each output row
     cols = torch.where(flip[:, None], w - 1 - ar_w, ar_w) + shift[1, :, None]  # (N, W)
-    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[
-        :, None, :
-    ]  # (N, H, W)
+    row_in, col_in = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)  # (N, H), (N, W)
+    inside = row_in[:, :, None] & col_in[:, None, :]  # (N, H, W)
     out = x_uint8[
         torch.arange(n, device=dev)[:, None, None, None],
         torch.arange(c, device=dev)[None, :, None, None],
@@ -207,9 +206,7 @@ def _load_digits() -> tuple[Raw, list[str], str]:
     x, y = load_digits(return_X_y=True)  # (1797, 64) floats 0..16, (1797,)
     x = np.rint(x * 255 / 16).astype(np.uint8).reshape(-1, 1, 8, 8)  # (N, 1, 8, 8)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    raw = _raw(
-        torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), torch.from_numpy(yte)
-    )
+    raw = _raw(*(torch.from_numpy(a) for a in (xtr, ytr, xte, yte)))
     source = "digits: scikit-learn load_digits (offline), stratified 80/20 split, random_state=0"
     return raw, [str(i) for i in range(10)], source
 
@@ -255,7 +252,7 @@ def _load_cifar10(data_dir: Path, allow_download: bool) -> tuple[Raw, list[str],
     for root in roots:
         searched.append(str(root) if root.is_file() else f"{root}/*.tar.gz")
         archives = (
-            [root] if root.is_file() else sorted(root.glob("*.tar.gz")) + sorted(root.glob("*.tgz"))
+            [root] if root.is_file() else sorted([*root.glob("*.tar.gz"), *root.glob("*.tgz")])
         )
         if archives:
             return _load_cached(archives[0], "tar", data_dir)
@@ -276,9 +273,7 @@ def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
         except OSError:
             pass
 
-    t = threading.Thread(
-        target=connect, daemon=True
-    )  # a daemon: a hung DNS lookup can't block exit
+    t = threading.Thread(target=connect, daemon=True)  # a hung DNS lookup can't block exit
     t.start()
     t.join(timeout + 0.5)
     return bool(ok)
@@ -340,8 +335,9 @@ def _read_cifar_batches(d: Path, data_dir: Path) -> tuple[Raw, list[str]]:
     names = (*CIFAR_BATCHES, "test_batch", "batches.meta")
     missing = [n for n in names if not (d / n).is_file()]
     if missing:
+        hint = how_to_provide(data_dir)
         raise FileNotFoundError(
-            f"{d}: incomplete CIFAR-10 python batches, missing {missing}. {how_to_provide(data_dir)}"
+            f"{d}: incomplete CIFAR-10 python batches, missing {missing}. {hint}"
         )
     return _parse_cifar_batches({n: (d / n, (d / n).read_bytes()) for n in names}, data_dir)
 
@@ -361,9 +357,7 @@ def _parse_cifar_batches(
             raise ValueError(
                 f"{path}: not a CIFAR-10 batch ({e!r}). {how_to_provide(data_dir)}"
             ) from e
-        return torch.from_numpy(x.reshape(-1, 3, 32, 32)), torch.from_numpy(
-            y
-        )  # (N, 3, 32, 32), (N,)
+        return torch.from_numpy(x.reshape(-1, 3, 32, 32)), torch.from_numpy(y)
 
     train = [batch(n) for n in CIFAR_BATCHES]
     test_x, test_y = batch("test_batch")
@@ -395,13 +389,13 @@ def _folder_files(root: Path) -> dict[str, list[tuple[str, Path]]]:
         for cls_dir in sorted((root / split).iterdir()):
             if cls_dir.is_dir() and not cls_dir.name.startswith("."):
                 for f in sorted(cls_dir.iterdir()):
-                    if (
-                        f.suffix.lower() in IMAGE_EXTENSIONS
-                        and not f.name.startswith(".")
-                        and f.is_file()
-                    ):
+                    if _is_image(f.name):
                         out[split].append((cls_dir.name, f))
     return out
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def _cache_dirs(data_dir: Path) -> list[Path]:
@@ -460,9 +454,9 @@ def _write_cache(name: str, blob: dict, dirs: list[Path]) -> Path | None:
             return d / name
         except OSError as e:
             errors.append(f"{d}: {e}")
+    why = "; ".join(errors)
     warnings.warn(
-        f"cifar10: could not write the decoded cache ({'; '.join(errors)}); next load decodes again",
-        stacklevel=3,
+        f"cifar10: cannot write the cache ({why}); the next load decodes again", stacklevel=3
     )
     return None
 
@@ -486,23 +480,17 @@ def _read_tar(path: Path, data_dir: Path) -> tuple[Raw, list[str]]:
                     continue  # directories, links, hidden files (e.g. macOS ._* files)
                 if parts[-1] in (*CIFAR_BATCHES, "test_batch", "batches.meta"):
                     batches[parts[-1]] = (Path(f"{path}:{m.name}"), tf.extractfile(m).read())
-                elif (
-                    len(parts) >= 3
-                    and parts[-3] in SPLITS
-                    and parts[-1].lower().endswith(IMAGE_EXTENSIONS)
-                ):
+                elif len(parts) >= 3 and parts[-3] in SPLITS and _is_image(parts[-1]):
                     prefixes.add(parts[:-3])
-                    items[parts[-3]].append(
-                        (parts[-2], f"{path}:{m.name}", tf.extractfile(m).read())
-                    )
+                    data = tf.extractfile(m).read()
+                    items[parts[-3]].append((parts[-2], f"{path}:{m.name}", data))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise ValueError(
             f"{path}: truncated or corrupt archive ({e}). {how_to_provide(data_dir)}"
         ) from e
     if len(prefixes) > 1:
-        raise ValueError(
-            f"{path}: several image folders inside ({sorted('/'.join(p) for p in prefixes)}); keep one"
-        )
+        found = sorted("/".join(p) or "." for p in prefixes)
+        raise ValueError(f"{path}: several train/ test/ folders inside ({found}); keep one")
     if not items["train"] and not items["test"] and len(batches) == len(CIFAR_BATCHES) + 2:
         return _parse_cifar_batches(batches, data_dir)
     for s in SPLITS:
@@ -516,9 +504,9 @@ def _images_to_raw(
     """Decode split -> [(class, name, bytes)]; class index = alphabetical order of train classes."""
     for s in SPLITS:
         if not items[s]:
-            raise FileNotFoundError(
-                f"{where}: no images in {s}/<class>/ ({', '.join(IMAGE_EXTENSIONS)}). {how_to_provide(data_dir)}"
-            )
+            exts = " ".join(IMAGE_EXTENSIONS)
+            hint = how_to_provide(data_dir)
+            raise FileNotFoundError(f"{where}: no images ({exts}) in {s}/<class>/. {hint}")
     classes = sorted({cls for cls, _, _ in items["train"]})
     extra = sorted({cls for cls, _, _ in items["test"]} - set(classes))
     if extra:
@@ -533,36 +521,35 @@ def _images_to_raw(
     shapes = {tuple(x.shape[1:]) for x in xs}
     if len(shapes) > 1:
         raise ValueError(
-            f"{where}: train and test images differ in size {sorted(shapes)}; resize them to one size"
+            f"{where}: train and test image sizes differ {sorted(shapes)}; resize them"
         )
     return _raw(xs[0], ys[0], xs[1], ys[1]), classes
 
 
 def _decode_images(files: list[tuple[str, bytes]], data_dir: Path) -> Tensor:
     """Decode encoded images to RGB uint8 (N, 3, H, W); errors name the file."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     out: list[Tensor | None] = [None] * len(files)
     jpegs = [i for i, (name, _) in enumerate(files) if name.lower().endswith(JPEG_EXTENSIONS)]
-    for start in range(
-        0, len(jpegs), 4096
-    ):  # torchvision decodes a list in C++, ~4x faster than PIL
+    for start in range(0, len(jpegs), 4096):  # torchvision decodes a list ~4x faster than PIL
         chunk = jpegs[start : start + 4096]
         try:
-            bufs = [torch.frombuffer(bytearray(files[i][1]), dtype=torch.uint8) for i in chunk]
-            for i, img in zip(chunk, decode_jpeg(bufs, mode=ImageReadMode.RGB)):
-                out[i] = img  # (3, H, W)
-        except Exception:  # one bad file fails the chunk; PIL below names it
-            pass
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates it for torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torchvision.io import ImageReadMode, decode_jpeg
+
+                bufs = [torch.frombuffer(bytearray(files[i][1]), dtype=torch.uint8) for i in chunk]
+                for i, img in zip(chunk, decode_jpeg(bufs, mode=ImageReadMode.RGB)):
+                    out[i] = img  # (3, H, W)
+        except Exception:  # a bad file fails its chunk (PIL below names it), as would a
+            pass  # torchvision without decode_jpeg
     for i, (name, data) in enumerate(files):
         if out[i] is None:
             out[i] = _decode_pil(name, data, data_dir)
     shape = out[0].shape
     for (name, _), img in zip(files, out):
         if img.shape != shape:
-            raise ValueError(
-                f"{name}: image is {tuple(img.shape)} (C, H, W), others are {tuple(shape)}; resize to one size"
-            )
+            sizes = f"{tuple(img.shape)} (C, H, W), the first is {tuple(shape)}"
+            raise ValueError(f"{name}: image size {sizes}; resize all images to one size")
     return torch.stack(out)  # (N, 3, H, W)
 
 
