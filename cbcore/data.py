@@ -399,9 +399,14 @@ def _is_image(name: str) -> bool:
 
 
 def _cache_dirs(data_dir: Path) -> list[Path]:
+    """data_dir/.cache, then the user cache; a folder without write bits is left alone, even
+    for root (who could write there anyway)."""
     base = data_dir.parent if data_dir.is_file() else data_dir
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return [base / ".cache", Path(xdg) / "cbcore"]
+    marked_read_only = (
+        base.is_dir() and not (base / ".cache").exists() and not base.stat().st_mode & 0o222
+    )
+    return ([] if marked_read_only else [base / ".cache"]) + [Path(xdg) / "cbcore"]
 
 
 def _cache_key(path: Path, kind: str) -> str:
@@ -447,6 +452,7 @@ def _write_cache(name: str, blob: dict, dirs: list[Path]) -> Path | None:
             os.close(fd)
             try:
                 torch.save(blob, tmp)
+                os.chmod(tmp, 0o644)  # mkstemp makes it 0600
                 os.replace(tmp, d / name)
             finally:
                 if os.path.exists(tmp):
@@ -565,15 +571,12 @@ def _decode_pil(name: str, data: bytes, data_dir: Path) -> Tensor:
 
 
 def _channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std of x / 255 for uint8 (N, C, H, W), in float64 chunks."""
-    c = x.shape[1]
-    s = torch.zeros(c, dtype=torch.float64, device=x.device)
-    s2 = torch.zeros(c, dtype=torch.float64, device=x.device)
-    for chunk in x.split(8192):
-        v = chunk.double().div_(255).transpose(0, 1).reshape(c, -1)  # (C, n*H*W)
-        s += v.sum(1)
-        s2 += (v * v).sum(1)
-    count = x.numel() // c
-    mean = s / count
-    std = (s2 / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-8)
+    """Per-channel mean and std of x / 255 for uint8 (N, C, H, W), exact from 256-bin histograms."""
+    counts = torch.stack(
+        [torch.bincount(x[:, c].reshape(-1), minlength=256) for c in range(x.shape[1])]
+    )
+    p = counts.double() / counts.sum(1, keepdim=True)  # (C, 256) value frequencies
+    v = torch.arange(256, dtype=torch.float64, device=x.device) / 255  # (256,)
+    mean = p @ v  # (C,)
+    std = (p @ (v * v) - mean * mean).clamp_min(0).sqrt().clamp_min(1e-8)  # (C,)
     return mean.float(), std.float()

@@ -106,8 +106,9 @@ def test_every_source_gives_the_same_tensors(tmp_path, fake):
         load_data("cifar10", tar, allow_download=False),  # the archive as data_dir
     ):
         assert_same(from_pkl, other)
-    mean = torch.from_numpy(fake["train_x"]).double().div(255).mean((0, 2, 3))  # (3,)
-    assert torch.allclose(from_pkl.mean.double(), mean, atol=1e-6)
+    x = torch.from_numpy(fake["train_x"]).double().div(255).transpose(0, 1).flatten(1)  # (3, n)
+    assert torch.allclose(from_pkl.mean.double(), x.mean(1), atol=1e-6)
+    assert torch.allclose(from_pkl.std.double(), x.std(1, correction=0), atol=1e-6)
 
 
 def test_jpeg_folder_decodes_close_to_the_originals(tmp_path, fake):
@@ -154,6 +155,19 @@ def test_cache_falls_back_when_data_dir_is_not_writable(tmp_path, fake):
     assert str(tmp_path / "xdg" / "cbcore") in first.source
     second = load_data("cifar10", folder, allow_download=False)
     assert "from cache" in second.source
+    assert_same(first, second)
+
+
+def test_cache_skips_a_data_dir_marked_read_only(tmp_path, fake):
+    tar = write_tar(tmp_path / "ro" / "cifar10.tar.gz", write_folder(tmp_path / "folder", fake))
+    tar.parent.chmod(0o555)  # root could still write there: the mode bits alone must stop it
+    try:
+        first = load_data("cifar10", tar, allow_download=False)
+        second = load_data("cifar10", tar, allow_download=False)
+    finally:
+        tar.parent.chmod(0o755)
+    assert not (tar.parent / ".cache").exists()
+    assert str(tmp_path / "xdg" / "cbcore") in first.source and "from cache" in second.source
     assert_same(first, second)
 
 
