@@ -8,7 +8,8 @@ the device, vectorized over the batch. No DataLoader, no workers.
   1. the official python batches: `data_dir/cifar-10-batches-py/` (or `data_dir` itself);
   2. torchvision's download into `data_dir`, only with `allow_download` and a reachable host;
   3. an image folder `train/<class>/*`, `test/<class>/*` in `data_dir` or `data_dir/cifar10`,
-     or a `.tar.gz` of one (`data_dir` itself, or `*.tar.gz` inside those folders).
+     or a `.tar.gz` of one (`data_dir` itself, or `*.tar.gz` inside those folders); the
+     official `cifar-10-python.tar.gz` is read the same way, without extracting.
 Decoded image folders and archives are cached as uint8 tensors in `data_dir/.cache/`
 (or `$XDG_CACHE_HOME/cbcore`, `~/.cache/cbcore` when that is not writable).
 
@@ -222,7 +223,8 @@ def how_to_provide(data_dir: Path) -> str:
     return (
         "Provide CIFAR-10 one of these ways: put the official python batches in "
         f"{d}/cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta, from "
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz); an image folder "
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, which also works unextracted "
+        f"in {d}); an image folder "
         f"{d}/train/<class>/*.png and {d}/test/<class>/*.png; a .tar.gz of such a folder in {d} "
         "(or pass its path as data_dir); allow_download=True on a machine with internet; "
         "or use dataset: digits (offline, shipped with scikit-learn)."

@@ -87,6 +87,10 @@ def test_every_source_gives_the_same_tensors(tmp_path, fake):
     batches = write_batches(tmp_path / "pkl" / "cifar-10-batches-py", fake)
     folder = write_folder(tmp_path / "folder", fake)
     tar = write_tar(tmp_path / "tar" / "cifar10.tar.gz", folder)
+    official_tar = tmp_path / "official" / "cifar-10-python.tar.gz"  # the file torchvision fetches
+    official_tar.parent.mkdir()
+    with tarfile.open(official_tar, "w:gz") as tf:
+        tf.add(batches, arcname="cifar-10-batches-py")
 
     from_pkl = load_data("cifar10", tmp_path / "pkl", allow_download=False)
     assert from_pkl.classes == CLASSES and "official python batches" in from_pkl.source
@@ -104,6 +108,7 @@ def test_every_source_gives_the_same_tensors(tmp_path, fake):
         load_data("cifar10", folder, allow_download=False),
         load_data("cifar10", tmp_path / "tar", allow_download=False),  # *.tar.gz inside data_dir
         load_data("cifar10", tar, allow_download=False),  # the archive as data_dir
+        load_data("cifar10", official_tar, allow_download=False),
     ):
         assert_same(from_pkl, other)
     x = torch.from_numpy(fake["train_x"]).double().div(255).transpose(0, 1).flatten(1)  # (3, n)
