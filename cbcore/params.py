@@ -95,6 +95,7 @@ class CifarParams(CreditParams):
     augment: bool = p(True, "random crop (pad 4) and horizontal flip on the device")
     diag_every: int = p(5, "epochs between diagnostics on the fixed batch", ge=1)
     diag_batch: int = p(256, "examples in the fixed diagnostic batch", ge=1)
+    keep_ckpt_every: int = p(0, "epochs between checkpoint snapshots kept for diagnostics (0: only the last)", ge=0)
     max_train: int = p(0, "if > 0, use only this many training examples", ge=0)
     device: str = p("auto", "torch device: auto, cpu or cuda")
     amp_bf16: bool = p(False, "bf16 autocast for the forward passes (GPU)")
