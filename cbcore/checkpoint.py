@@ -64,8 +64,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types on a truncated or foreign file
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise CheckpointError(
-            f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to restart "
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {why}); delete it to restart "
             "this method from scratch") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
