@@ -135,6 +135,9 @@ def maybe_compile(net: ResMLP, P: CifarParams) -> None:
     """`compile`: torch.compile the block forwards (per-layer `block` with a dynamic layer
     index, and the layer-batched `step_all` the bridges use)."""
     if P.compile:
+        # bp's block VJPs and the bridge's double backward retain graphs, which donated
+        # buffers forbid
+        torch._functorch.config.donated_buffer = False
         net.block = torch.compile(net.block, dynamic=True)
         net.step_all = torch.compile(net.step_all)
 
