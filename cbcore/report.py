@@ -200,6 +200,18 @@ def render_notebook(nb: Path, exporter=None) -> tuple[Path, bool]:
 # ---------------------------------------------------------------- tables
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def fmt_wall(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def fmt(v: float) -> str:
     return f"{v:.4g}" if math.isfinite(v) else str(v)
 
@@ -224,7 +236,6 @@ def status_table(root: str | Path) -> str:
         return f"no runs under {root} (cbcore run EXPERIMENT --seeds ... writes them)"
     table = [["", "experiment", "profile", "seed", "status", "wall", "final"]]
     for r in rows:
-        wall = f"{r.wall_s:.0f} s" if r.wall_s is not None else "-"
         table.append(
             [
                 "!" if r.flagged else "",
@@ -232,13 +243,13 @@ def status_table(root: str | Path) -> str:
                 r.profile,
                 str(r.seed),
                 r.status_text,
-                wall,
+                fmt_wall(r.wall_s),
                 " | ".join(metric_lines(r.finals, 3)) or "-",
             ]
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     n_bad = sum(r.flagged for r in rows)
-    out = [f"{len(rows)} runs under {root}" + (f", {n_bad} flagged (!)" if n_bad else "")]
+    out = [f"{plural(len(rows), 'run')} under {root}" + (f", {n_bad} flagged (!)" if n_bad else "")]
     for i, row in enumerate(table):
         out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
         r = rows[i - 1] if i else None
@@ -303,13 +314,12 @@ def index_html(
         ]
         if r.notebook in problems:
             links.append(f'<span class="error">render failed: {e(problems[r.notebook])}</span>')
-        wall = f"{r.wall_s:.0f} s" if r.wall_s is not None else ""
         body.append(
             f'<tr class="{cls}" data-run="{e(r.experiment)}/{e(r.profile)}/seed{r.seed}" '
             f'data-status="{e(r.status_text)}">'
             f"<td>{e(r.experiment)}</td><td>{e(r.profile)}</td><td class=num>{r.seed}</td>"
             f'<td class="status">{status}</td><td class="metrics">{metrics or "–"}</td>'
-            f'<td class="num">{wall}</td><td>{" · ".join(links)}</td></tr>'
+            f'<td class="num">{fmt_wall(r.wall_s)}</td><td>{" · ".join(links)}</td></tr>'
         )
     ana = []
     for a in analyses:
@@ -340,7 +350,7 @@ def index_html(
 <html lang="en"><head><meta charset="utf-8"><title>cbcore report</title>
 <style>{CSS}</style></head><body>
 <h1>cbcore report</h1>
-<p class="meta">{len(rows)} runs ({e(summary)}){f", {n_flag} flagged" if n_flag else ""} ·
+<p class="meta">{plural(len(rows), "run")} ({e(summary)}){f", {n_flag} flagged" if n_flag else ""} ·
 root {e(str(root))} · written {time.strftime("%Y-%m-%d %H:%M")}</p>
 <h2>Runs</h2>
 <table><thead><tr><th>experiment</th><th>profile</th><th>seed</th><th>status</th>
@@ -377,5 +387,5 @@ def build_report(root: str | Path = "executed", say: Callable[[str], None] = pri
             say(f"rendered {out.relative_to(root)}  in {time.time() - t0:.1f} s")
     index = root / "index.html"
     index.write_text(index_html(root, rows, analyses, problems), encoding="utf-8")
-    say(f"wrote {index}: {len(rows)} runs, {len(analyses)} analysis notebooks")
+    say(f"wrote {index}: {plural(len(rows), 'run')}, {plural(len(analyses), 'analysis notebook')}")
     return 1 if problems else 0

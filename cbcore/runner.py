@@ -673,7 +673,7 @@ def run(
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     say(
-        f"{len(results)} runs in {time.time() - t0:.1f} s: "
+        f"{len(results)} run{'s' * (len(results) != 1)} in {time.time() - t0:.1f} s: "
         + ", ".join(f"{n} {s}" for s, n in counts.items())
         + (f"; {len(ana)} analysis notebooks" if ana else "")
         + (f"; {len(bad)} not finished: " + ", ".join(r.job.name for r in bad) if bad else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -50,7 +51,15 @@ def cli_run(tmp_path: Path, nbs: Path, *args: str) -> int:
     )
 
 
-def test_gpu_pinning_injected_params_and_failed_seed(tmp_path, capsys):
+def test_gpu_pinning_injected_params_and_failed_seed(tmp_path, capsys, monkeypatch):
+    # a registered `python3` kernelspec that points elsewhere must not be used
+    broken = tmp_path / "jupyter" / "kernels" / "python3"
+    broken.mkdir(parents=True)
+    argv = ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (broken / "kernel.json").write_text(
+        json.dumps({"argv": argv, "language": "python", "display_name": "elsewhere"})
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     nbs = notebooks(tmp_path)
     root = tmp_path / "executed"
     rc = cli_run(
@@ -80,6 +89,7 @@ def test_gpu_pinning_injected_params_and_failed_seed(tmp_path, capsys):
     assert good["status"] == "completed"
     assert good["env"]["CUDA_VISIBLE_DEVICES"] == cuda[10]
     assert good["env"]["OMP_NUM_THREADS"] == str(max(1, runner.cpu_count() // 2))
+    assert good["python"] == sys.executable  # the kernel runs this interpreter
 
     # the resolved params were injected: seed and --set reach load_params in the notebook
     assert good["P_seed"] == 10
@@ -188,8 +198,9 @@ def test_submitit_local_executor(tmp_path):
 def test_timeout(tmp_path):
     root = tmp_path / "executed"
     t0 = time.time()
-    rc = runner.run(["toy_lq"], [2], profile="quick", root=root,
-                    notebooks_dir=notebooks(tmp_path), timeout=4)  # fmt: skip
+    rc = runner.run(
+        ["toy_lq"], [2], profile="quick", root=root, notebooks_dir=notebooks(tmp_path), timeout=4
+    )
     assert rc == 1 and time.time() - t0 < 30
     summary = read_summary(run_dir(root, 2))
     assert summary["status"] == "timeout"
@@ -199,8 +210,9 @@ def test_timeout(tmp_path):
 def test_hang_after_the_last_cell_is_judged_by_the_record(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "HANG_GRACE_S", 0.5)
     root = tmp_path / "executed"
-    rc = runner.run(["toy_lq"], [5], profile="quick", root=root,
-                    notebooks_dir=notebooks(tmp_path), timeout=120)  # fmt: skip
+    rc = runner.run(
+        ["toy_lq"], [5], profile="quick", root=root, notebooks_dir=notebooks(tmp_path), timeout=120
+    )
     assert rc == 0  # seed 5 wrote its summary, then hung; it was stopped, and counts as done
     assert read_summary(run_dir(root, 5))["status"] == "completed"
 
