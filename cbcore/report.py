@@ -216,17 +216,12 @@ def fmt(v: float) -> str:
     return f"{v:.4g}" if math.isfinite(v) else str(v)
 
 
-def metric_lines(finals: dict[str, dict[str, float]], limit: int | None = MAX_KEYS) -> list[str]:
-    """`method: key value, key value` per method, compactly."""
-    lines = []
-    for method, vals in finals.items():
-        items = list(vals.items())
-        shown = items if limit is None else items[:limit]
-        text = ", ".join(f"{k} {fmt(v)}" for k, v in shown)
-        if len(shown) < len(items):
-            text += f", … +{len(items) - len(shown)}"
-        lines.append(f"{method}: {text}")
-    return lines
+def metric_text(values: dict[str, float], limit: int | None = MAX_KEYS) -> str:
+    """`key value, key value` (the first `limit` of them), compactly."""
+    items = list(values.items())
+    shown = items if limit is None else items[:limit]
+    text = ", ".join(f"{k} {fmt(v)}" for k, v in shown)
+    return text + (f", … +{len(items) - len(shown)}" if len(shown) < len(items) else "")
 
 
 def status_table(root: str | Path) -> str:
@@ -244,7 +239,7 @@ def status_table(root: str | Path) -> str:
                 str(r.seed),
                 r.status_text,
                 fmt_wall(r.wall_s),
-                " | ".join(metric_lines(r.finals, 3)) or "-",
+                " | ".join(f"{m}: {metric_text(v, 3)}" for m, v in r.finals.items()) or "-",
             ]
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
@@ -303,9 +298,8 @@ def index_html(
             f'<div class="error">{e(r.error)}</div>' if r.error and r.flagged else ""
         )
         metrics = "".join(
-            f'<div title="{e(", ".join(f"{k} {fmt(v)}" for k, v in r.finals[m].items()))}">'
-            f"<b>{e(m)}</b> {e(line.split(': ', 1)[1])}</div>"
-            for m, line in zip(r.finals, metric_lines(r.finals))
+            f'<div title="{e(metric_text(v, None))}"><b>{e(m)}</b> {e(metric_text(v))}</div>'
+            for m, v in r.finals.items()
         )
         html_nb = r.notebook.with_suffix(".html") if r.notebook else None
         links = [
