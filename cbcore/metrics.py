@@ -31,8 +31,12 @@ def true_gradients(net: CreditNet, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor
         z = net.output(h)
         loss = net.loss_per_example(z, y)
         grads = torch.autograd.grad(loss.sum(), hs)  # states only: parameter .grad untouched
-    return (torch.stack([t.detach() for t in hs]), torch.stack(grads).detach(), loss.detach(),
-            net.output_error(z.detach(), y))
+    return (
+        torch.stack([t.detach() for t in hs]),
+        torch.stack(grads).detach(),
+        loss.detach(),
+        net.output_error(z.detach(), y),
+    )
 
 
 @torch.no_grad()
@@ -62,8 +66,9 @@ def rollout_loss(net: CreditNet, h: Tensor, layer: int, y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def nudge_delta(net: CreditNet, h: Tensor, layer: int, y: Tensor, direction: Tensor,
-                eps: float) -> float:
+def nudge_delta(
+    net: CreditNet, h: Tensor, layer: int, y: Tensor, direction: Tensor, eps: float
+) -> float:
     """Δ mean loss after h ← h − ε‖h‖·dir/‖dir‖ (per example) at `layer`."""
     step = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     moved = h - eps * h.norm(dim=-1, keepdim=True) * step
@@ -71,8 +76,16 @@ def nudge_delta(net: CreditNet, h: Tensor, layer: int, y: Tensor, direction: Ten
 
 
 @torch.no_grad()
-def nudge_curves(net: CreditNet, hs: Tensor, y: Tensor, layer: int, credit: Tensor, true: Tensor,
-                 eps_grid: Sequence[float], generator: torch.Generator) -> dict[str, list[float]]:
+def nudge_curves(
+    net: CreditNet,
+    hs: Tensor,
+    y: Tensor,
+    layer: int,
+    credit: Tensor,
+    true: Tensor,
+    eps_grid: Sequence[float],
+    generator: torch.Generator,
+) -> dict[str, list[float]]:
     """Loss change over the ε grid along the credit, the true gradient and a random direction,
     and the nudge efficiencies Δℓ(credit)/Δℓ(true) (1 = as good as BP, ≤ 0 = useless)."""
     rand = torch.randn(credit.shape, generator=generator, device=credit.device, dtype=credit.dtype)
@@ -80,9 +93,12 @@ def nudge_curves(net: CreditNet, hs: Tensor, y: Tensor, layer: int, credit: Tens
     for eps in eps_grid:
         for name, direction in (("credit", credit), ("true", true), ("random", rand)):
             out[name].append(nudge_delta(net, hs[layer], layer, y, direction, eps))
-    out["efficiency"] = [c / t if t != 0 else float("nan") for c, t in zip(out["credit"], out["true"])]
-    out["efficiency_random"] = [r / t if t != 0 else float("nan")
-                                for r, t in zip(out["random"], out["true"])]
+    out["efficiency"] = [
+        c / t if t != 0 else float("nan") for c, t in zip(out["credit"], out["true"])
+    ]
+    out["efficiency_random"] = [
+        r / t if t != 0 else float("nan") for r, t in zip(out["random"], out["true"])
+    ]
     return out
 
 
@@ -99,7 +115,7 @@ def local_grads(net: CreditNet, x: Tensor, credits: Tensor, g_L: Tensor) -> list
         grads = torch.autograd.grad(s, emb + stacked, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, emb + stacked)]
     g_emb = torch.cat([g.flatten() for g in grads[: len(emb)]]) if emb else credits.new_zeros(1)
-    g_blocks = torch.cat([g.reshape(net.num_layers, -1) for g in grads[len(emb):]], 1)  # (L, P)
+    g_blocks = torch.cat([g.reshape(net.num_layers, -1) for g in grads[len(emb) :]], 1)  # (L, P)
     return [g_emb, *g_blocks]
 
 
@@ -112,9 +128,18 @@ def update_cosine(net: CreditNet, x: Tensor, credits: Tensor, true: Tensor, g_L:
     return torch.stack([cos(u, v, dim=0, eps=1e-20) for u, v in zip(a, b)])
 
 
-def diagnose(net: CreditNet, method: CreditMethod, x: Tensor, y: Tensor, *, step: int = 0,
-             total_steps: int = 1, eps_grid: Sequence[float] = DEFAULT_EPS,
-             nudge_layers: Sequence[int] | None = None, seed: int = 0) -> dict[str, float]:
+def diagnose(
+    net: CreditNet,
+    method: CreditMethod,
+    x: Tensor,
+    y: Tensor,
+    *,
+    step: int = 0,
+    total_steps: int = 1,
+    eps_grid: Sequence[float] = DEFAULT_EPS,
+    nudge_layers: Sequence[int] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
     """All §7 diagnostics of one method on a fixed batch, as flat namespaced metrics.
 
     Keys: `cos/layer_03`, `rho/layer_03`, `upd_cos/layer_03`, `nudge_eff/layer_03`
@@ -123,8 +148,9 @@ def diagnose(net: CreditNet, method: CreditMethod, x: Tensor, y: Tensor, *, step
     """
     hs, true, loss, err = true_gradients(net, x, y)
     L = net.num_layers
-    ctx = CreditContext(hs=hs, y=y, g_L=true[-1], err=err, loss=loss, step=step,
-                        total_steps=total_steps)
+    ctx = CreditContext(
+        hs=hs, y=y, g_L=true[-1], err=err, loss=loss, step=step, total_steps=total_steps
+    )
     credits = method.credits(net, ctx).detach()  # (L, B, d)
     out: dict[str, float] = {}
 

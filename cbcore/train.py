@@ -82,31 +82,63 @@ class StepResult:
     logs: dict = field(default_factory=dict)
 
 
-def train_step(net: CreditNet, method: CreditMethod, opt: torch.optim.Optimizer | None,
-               x: Tensor, y: Tensor, step: int = 0, total_steps: int = 1,
-               scheduler=None) -> StepResult:
-    """One block-local step: forward, credits (method also trains its feedback nets), update.
-
-    With `opt=None` the network is not updated (the toy's frozen run); the method still learns.
-    """
+def compute_update(
+    net: CreditNet,
+    method: CreditMethod,
+    x: Tensor,
+    y: Tensor,
+    step: int = 0,
+    total_steps: int = 1,
+    params: list[Tensor] | None = None,
+) -> StepResult:
+    """Forward, credits (the method also trains its feedback nets), and — if `params` is
+    given — the block-local gradients written into those parameters' `.grad`."""
     fwd = local_forward(net, x, input_grad=method.needs_block_vjp)
     z, loss, g_L, err = terminal(net, fwd.hs[-1], y)
-    ctx = CreditContext(hs=fwd.hs, y=y, g_L=g_L.detach(), err=err, loss=loss.detach(),
-                        step=step, total_steps=total_steps,
-                        block_vjp=make_block_vjp(fwd) if method.needs_block_vjp else None)
+    ctx = CreditContext(
+        hs=fwd.hs,
+        y=y,
+        g_L=g_L.detach(),
+        err=err,
+        loss=loss.detach(),
+        step=step,
+        total_steps=total_steps,
+        block_vjp=make_block_vjp(fwd) if method.needs_block_vjp else None,
+    )
     out = method.step(net, ctx)
     check_credits(out.credits, ctx, method.name)
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)
-        params = [p for group in opt.param_groups for p in group["params"]]
+    if params:
         surrogate_loss(fwd, out.credits, g_L, loss).backward(inputs=params)
-        opt.step()
-        if scheduler is not None:
-            scheduler.step()
     correct = None
     if z.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
         correct = (z.detach().argmax(-1) == y).sum()
     return StepResult(loss.detach().mean(), correct, out.credits, out.logs)
+
+
+def train_step(
+    net: CreditNet,
+    method: CreditMethod,
+    opt: torch.optim.Optimizer | None,
+    x: Tensor,
+    y: Tensor,
+    step: int = 0,
+    total_steps: int = 1,
+    scheduler=None,
+) -> StepResult:
+    """One block-local step: forward, credits (method also trains its feedback nets), update.
+
+    With `opt=None` the network is not updated (the toy's frozen run); the method still learns.
+    """
+    params = None
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+        params = [p for group in opt.param_groups for p in group["params"]]
+    result = compute_update(net, method, x, y, step, total_steps, params)
+    if opt is not None:
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    return result
 
 
 def make_optimizer(net: torch.nn.Module, lr: float, weight_decay: float, total_steps: int):
@@ -115,8 +147,14 @@ def make_optimizer(net: torch.nn.Module, lr: float, weight_decay: float, total_s
     named = list(net.named_parameters())
     decay = [p for n, p in named if p.dim() >= 2 and n not in skip]
     no_decay = [p for n, p in named if p.dim() < 2 or n in skip]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / max(total_steps, 1))))
+        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / max(total_steps, 1)))
+    )
     return opt, sched

@@ -12,5 +12,13 @@ from cbcore.methods.base import (
     register,
 )
 
-__all__ = ["REGISTRY", "CreditContext", "CreditMethod", "CreditOutput", "check_context",
-           "check_credits", "make_method", "register"]
+__all__ = [
+    "REGISTRY",
+    "CreditContext",
+    "CreditMethod",
+    "CreditOutput",
+    "check_context",
+    "check_credits",
+    "make_method",
+    "register",
+]

@@ -56,6 +56,7 @@ class CreditMethod(nn.Module):
 
     def step(self, net: CreditNet, ctx: CreditContext) -> CreditOutput:
         """Credits for the update, then one feedback-network update (the training-step call)."""
+        check_context(ctx, net)
         g = self.credits(net, ctx)
         logs = self.train_feedback(net, ctx)
         return CreditOutput(g, logs)
@@ -134,15 +135,22 @@ def check_credits(credits: Tensor, ctx: CreditContext, method: str) -> None:
         )
 
 
-def check_context(ctx: CreditContext) -> None:
-    """Shapes of a context agree with each other; errors name the field."""
+def check_context(ctx: CreditContext, net: CreditNet | None = None) -> None:
+    """Shapes of a context agree with each other (and with the net); errors name the field."""
     if ctx.hs.dim() != 3:
         raise ValueError(f"CreditContext.hs must be (L+1, B, d), got shape {tuple(ctx.hs.shape)}")
-    _, B, d = ctx.hs.shape
+    L1, B, d = ctx.hs.shape
+    if net is not None and (L1 != net.num_layers + 1 or d != net.d):
+        raise ValueError(
+            f"CreditContext.hs has shape {tuple(ctx.hs.shape)} but the net has "
+            f"L+1 = {net.num_layers + 1} states of width d = {net.d}"
+        )
     if ctx.g_L.shape != (B, d):
         raise ValueError(f"CreditContext.g_L must be (B, d) = {(B, d)}, got {tuple(ctx.g_L.shape)}")
     if ctx.err.dim() != 2 or ctx.err.shape[0] != B:
-        raise ValueError(f"CreditContext.err must be (B, C) with B = {B}, got {tuple(ctx.err.shape)}")
+        raise ValueError(
+            f"CreditContext.err must be (B, C) with B = {B}, got {tuple(ctx.err.shape)}"
+        )
     if ctx.y.shape[0] != B:
         raise ValueError(f"CreditContext.y must have B = {B} rows, got {tuple(ctx.y.shape)}")
 
@@ -160,8 +168,16 @@ class StackedMLP(nn.Module):
     touches only its own parameters.
     """
 
-    def __init__(self, n: int, in_dim: int, hidden: int, out_dim: int, depth: int,
-                 generator: torch.Generator | None = None, zero_last: bool = False) -> None:
+    def __init__(
+        self,
+        n: int,
+        in_dim: int,
+        hidden: int,
+        out_dim: int,
+        depth: int,
+        generator: torch.Generator | None = None,
+        zero_last: bool = False,
+    ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden] * depth + [out_dim]
         self.weights = nn.ParameterList()
@@ -189,5 +205,8 @@ def ema_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """target ← momentum·target + (1 − momentum)·source, for every parameter."""
+    """target ← momentum·target + (1 − momentum)·source for every parameter; buffers (such
+    as input statistics) are copied, so the target normalizes its inputs like the source."""
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), 1.0 - momentum)
+    for bt, bs in zip(target.buffers(), source.buffers()):
+        bt.copy_(bs)

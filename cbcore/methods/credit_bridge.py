@@ -49,20 +49,38 @@ class ValueNet(nn.Module):
     term carries what is not quadratic (cross-entropy's log-sum-exp).
     """
 
-    def __init__(self, n: int, d: int, dy: int, hidden: int, depth: int, quadratic: bool,
-                 rank: int, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        n: int,
+        d: int,
+        dy: int,
+        hidden: int,
+        depth: int,
+        quadratic: bool,
+        rank: int,
+        generator: torch.Generator,
+    ) -> None:
         super().__init__()
         self.d = d
         self.mlp = StackedMLP(n, d + dy, hidden, 1, depth, generator)
+        # Per-layer input standardization h ↦ (h − μ_l)/s_l with running statistics held
+        # as constants (buffers): an affine map, so ∇_h V stays exact, and the regression stays
+        # well-conditioned while the states' scale drifts during training.
+        self.register_buffer("mu", torch.zeros(n, d))
+        self.register_buffer("s", torch.ones(n))
+        self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
         self.quadratic = quadratic
         if quadratic:
-            self.A = nn.Parameter(torch.randn(n, rank, d, generator=generator) / d**0.5)  # (n, r, d)
+            self.A = nn.Parameter(
+                torch.randn(n, rank, d, generator=generator) / d**0.5
+            )  # (n, r, d)
             self.C = nn.Parameter(torch.zeros(n, rank, dy))  # (n, r, dy)
             self.c = nn.Parameter(torch.zeros(n, rank))  # (n, r)
 
     def forward(self, h: Tensor, yf: Tensor, layers: slice = slice(None)) -> Tensor:
         """h (n, N, d), yf (N, dy) -> V (n, N)."""
         n = h.shape[0]
+        h = (h - self.mu[layers, None]) / self.s[layers, None, None]  # (n, N, d)
         yb = yf.expand(n, *yf.shape)  # (n, N, dy)
         v = self.mlp(torch.cat([h, yb], -1), layers)[..., 0]  # (n, N)
         if self.quadratic:
@@ -70,6 +88,16 @@ class ValueNet(nn.Module):
             u = u + torch.bmm(yb, self.C[layers].transpose(1, 2))
             v = v + 0.5 * u.pow(2).mean(-1)
         return v
+
+    @torch.no_grad()
+    def update_stats(self, hs: Tensor, momentum: float = 0.99) -> None:
+        """Running mean and RMS scale of the states per layer; hs (n, N, d)."""
+        mu = hs.mean(1)  # (n, d)
+        s = (hs - mu[:, None]).pow(2).mean((1, 2)).sqrt().clamp_min(1e-6)  # (n,)
+        first = ~self.stats_ready
+        self.mu.copy_(torch.where(first, mu, self.mu.lerp(mu, 1 - momentum)))
+        self.s.copy_(torch.where(first, s, self.s.lerp(s, 1 - momentum)))
+        self.stats_ready.fill_(True)
 
 
 @register("credit_bridge")
@@ -80,13 +108,25 @@ class CreditBridge(LearnedCreditMethod):
         super().__init__(seed)
         gen = make_generator(seed + 15485863, "cpu")
         L = net.num_layers
-        self.V = ValueNet(L + 1, net.d, net.target_dim, params.fb_hidden, params.fb_depth,
-                          params.value_quadratic, params.value_rank, gen)
+        self.V = ValueNet(
+            L + 1,
+            net.d,
+            net.target_dim,
+            params.fb_hidden,
+            params.fb_depth,
+            params.value_quadratic,
+            params.value_rank,
+            gen,
+        )
         self.V_target = ema_copy(self.V)  # V̄
         self.register_buffer("B", feedback_matrices(net, seed, params.dfa_scale))  # DFA warmup
         self.opt = torch.optim.Adam(self.V.parameters(), lr=params.lr_fb)
-        self.sigma, self.lam, self.K, self.m = (params.sigma_bridge, params.lam, params.K,
-                                                params.num_anchors)
+        self.sigma, self.lam, self.K, self.m = (
+            params.sigma_bridge,
+            params.lam,
+            params.K,
+            params.num_anchors,
+        )
         self.term_grad_weight, self.fm_weight = params.term_grad_weight, params.fm_weight
         self.momentum, self.fb_batch_frac = params.ema_momentum, params.fb_batch_frac
         self.warmup_frac, self.blend_frac = params.warmup_frac, params.blend_frac
@@ -141,6 +181,7 @@ class CreditBridge(LearnedCreditMethod):
         B = max(1, int(round(hs.shape[1] * self.fb_batch_frac)))
         y, loss, g_L = ctx.y[:B], ctx.loss[:B], ctx.g_L[:B]
         gen = self.noise_generator(hs.device)
+        self.V.update_stats(hs[:, :B])
         with torch.no_grad():
             clean = hs[:L, :B]  # (L, B, d)
             zeta = torch.randn((L, B * (self.m - 1), hs.shape[2]), generator=gen, device=hs.device)
@@ -154,11 +195,15 @@ class CreditBridge(LearnedCreditMethod):
         v_L = self.V(h_L[None], net.target_features(y), slice(L, L + 1))[0]  # (B,)
         term_value = (v_L - loss).pow(2).mean()
         total = bridge + term_value
-        logs = {"credit_bridge/bridge_loss": bridge.detach(),
-                "credit_bridge/term_value_loss": term_value.detach()}
+        logs = {
+            "credit_bridge/bridge_loss": bridge.detach(),
+            "credit_bridge/term_value_loss": term_value.detach(),
+        }
         if self.term_grad_weight > 0:
             (gv,) = torch.autograd.grad(v_L.sum(), h_L, create_graph=True)  # double backward
-            term_grad = ((gv - g_L).pow(2).sum(-1) / g_L.pow(2).sum(-1).clamp_min(1e-12)).mean()
+            # normalized over the batch, not per example: a well-fitted example has a tiny
+            # ‖g_L‖, and per-example ratios then blow up and destabilize the value net
+            term_grad = (gv - g_L).pow(2).sum() / g_L.pow(2).sum().clamp_min(1e-12)
             total = total + self.term_grad_weight * term_grad
             logs["credit_bridge/term_grad_loss"] = term_grad.detach()
         if self.fm_weight > 0:

@@ -1,9 +1,9 @@
 """state_bridge: a learned state predictor G_ψ(h, l) ≈ h_L, credit by a VJP through G_ψ only.
 
-    G_ψ(h, l) = h + r_ψ(h, l)                      identity at init (r's last layer is zero)
-    g_l       = (∂G_ψ(h_l, l)/∂h)^T g_L             a vector-Jacobian product through G_ψ
-    training  : anchors a = h_l + σζ (the clean state is one of them), one noisy continuation
-                target  Ḡ(F_{l+1}(a + σξ), l+1),  Ḡ(·, L) = identity,  Ḡ the EMA target of G_ψ
+G_ψ(h, l) = h + r_ψ(h, l)                      identity at init (r's last layer is zero)
+g_l       = (∂G_ψ(h_l, l)/∂h)^T g_L             a vector-Jacobian product through G_ψ
+training  : anchors a = h_l + σζ (the clean state is one of them), one noisy continuation
+            target  Ḡ(F_{l+1}(a + σξ), l+1),  Ḡ(·, L) = identity,  Ḡ the EMA target of G_ψ
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ class StateBridge(LearnedCreditMethod):
             nxt = net.step_all(anchors + self.sigma * xi)  # (L, mB, d): F_{l+1}(a + σξ)
             target = nxt.clone()
             if L > 1:
-                target[: L - 1] = self.G_target(nxt[: L - 1], slice(1, L))  # Ḡ(·, l+1); Ḡ(·, L) = id
+                target[: L - 1] = self.G_target(
+                    nxt[: L - 1], slice(1, L)
+                )  # Ḡ(·, l+1); Ḡ(·, L) = id
         pred = self.G(anchors.detach())
         loss = (pred - target).pow(2).mean()
         self.opt.zero_grad(set_to_none=True)
