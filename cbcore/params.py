@@ -42,22 +42,39 @@ class CreditParams:
 
     seed: int = p(42, "random seed for init, data order, noise and feedback matrices")
     methods: list = p(list(METHOD_NAMES), "credit methods to run, in order", choices=METHOD_NAMES)
-    sigma_bridge: float = p(0.05, "bridge noise std (state units), anchors and continuations", ge=0.0)
+    sigma_bridge: float = p(
+        0.05, "bridge noise std (state units), anchors and continuations", ge=0.0
+    )
     lam: float = p(0.1, "soft-min temperature of the credit-bridge target (loss units)", gt=0.0)
     K: int = p(4, "continuations per anchor for the bridge target", ge=1)
     num_anchors: int = p(2, "anchors per state, the clean state included", ge=1)
     term_grad_weight: float = p(1.0, "weight of terminal value-gradient matching", ge=0.0)
     fm_weight: float = p(0.0, "weight of final-loss (Monte-Carlo) value matching", ge=0.0)
+    cont_weight: float = p(
+        0.0,
+        "weight of the local-difference match of V at the continuations' inputs a+σξ_k to their values c_k (0: the seed's estimator)",
+        ge=0.0,
+    )
     ema_momentum: float = p(0.995, "EMA momentum of the bridges' target nets", ge=0.0, lt=1.0)
     lr_fb: float = p(1.0e-3, "Adam learning rate of the feedback networks", gt=0.0)
-    fb_hidden: int = p(256, "hidden width of the feedback networks (value net, state predictor)", ge=1)
+    fb_hidden: int = p(
+        256, "hidden width of the feedback networks (value net, state predictor)", ge=1
+    )
     fb_depth: int = p(2, "hidden layers of the feedback networks", ge=1)
     value_quadratic: bool = p(True, "value net has a per-layer quadratic term ½‖A h + C y + b‖²/r")
     value_rank: int = p(64, "rank r of the value net's quadratic term", ge=1)
-    warmup_frac: float = p(0.2, "fraction of training where credit_bridge uses DFA credits", ge=0.0, le=1.0)
-    blend_frac: float = p(0.1, "fraction of training for the linear DFA→bridge blend", ge=0.0, le=1.0)
-    dfa_scale: float = p(1.0, "scale of the DFA feedback matrices (entries N(0, dfa_scale²/C))", gt=0.0)
-    fb_batch_frac: float = p(1.0, "fraction of the batch the feedback nets train on per step", gt=0.0, le=1.0)
+    warmup_frac: float = p(
+        0.2, "fraction of training where credit_bridge uses DFA credits", ge=0.0, le=1.0
+    )
+    blend_frac: float = p(
+        0.1, "fraction of training for the linear DFA→bridge blend", ge=0.0, le=1.0
+    )
+    dfa_scale: float = p(
+        1.0, "scale of the DFA feedback matrices (entries N(0, dfa_scale²/C))", gt=0.0
+    )
+    fb_batch_frac: float = p(
+        1.0, "fraction of the batch the feedback nets train on per step", gt=0.0, le=1.0
+    )
 
 
 @dataclass(frozen=True)
@@ -95,7 +112,9 @@ class CifarParams(CreditParams):
     augment: bool = p(True, "random crop (pad 4) and horizontal flip on the device")
     diag_every: int = p(5, "epochs between diagnostics on the fixed batch", ge=1)
     diag_batch: int = p(256, "examples in the fixed diagnostic batch", ge=1)
-    keep_ckpt_every: int = p(0, "epochs between checkpoint snapshots kept for diagnostics (0: only the last)", ge=0)
+    keep_ckpt_every: int = p(
+        0, "epochs between checkpoint snapshots kept for diagnostics (0: only the last)", ge=0
+    )
     max_train: int = p(0, "if > 0, use only this many training examples", ge=0)
     device: str = p("auto", "torch device: auto, cpu or cuda")
     amp_bf16: bool = p(False, "bf16 autocast for the forward passes (GPU)")
@@ -139,7 +158,11 @@ def check_value(cls: type, key: str, value: Any, source: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if key not in fields:
         close = difflib.get_close_matches(key, list(fields), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(fields))})"
+        hint = (
+            f" (did you mean '{close[0]}'?)"
+            if close
+            else f" (known keys: {', '.join(sorted(fields))})"
+        )
         raise ParamsError(f"{source}: unknown key '{key}'{hint}")
     f = fields[key]
     hints = typing.get_type_hints(cls)
@@ -155,12 +178,18 @@ def check_value(cls: type, key: str, value: Any, source: str) -> Any:
     if tp is float:
         value = float(value)
     m = f.metadata
-    bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
+    bounds = [
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ]
     for name, ok, sym in bounds:
         b = m.get(name)
         if b is not None and not ok(value, b):
-            raise ParamsError(f"{source}: key '{key}' = {value!r} is out of range (must be {sym} {b})")
+            raise ParamsError(
+                f"{source}: key '{key}' = {value!r} is out of range (must be {sym} {b})"
+            )
     choices = m.get("choices")
     if choices is not None:
         items = value if isinstance(value, list) else [value]
@@ -250,5 +279,7 @@ def save_params(params: Any, path: str | Path) -> None:
     docs = param_docs(type(params))
     lines = [f"# resolved {type(params).__name__}"]
     for k, v in to_dict(params).items():
-        lines.append(f"{yaml.safe_dump({k: v}, default_flow_style=True).strip()[1:-1]}  # {docs[k]}")
+        lines.append(
+            f"{yaml.safe_dump({k: v}, default_flow_style=True).strip()[1:-1]}  # {docs[k]}"
+        )
     Path(path).write_text("\n".join(lines) + "\n")

@@ -130,6 +130,7 @@ class CreditBridge(LearnedCreditMethod):
         self.term_grad_weight, self.fm_weight = params.term_grad_weight, params.fm_weight
         self.momentum, self.fb_batch_frac = params.ema_momentum, params.fb_batch_frac
         self.warmup_frac, self.blend_frac = params.warmup_frac, params.blend_frac
+        self.cont_weight = params.cont_weight
 
     def alpha(self, step: int, total_steps: int) -> float:
         """Blend weight of the bridge credit: 0 during warmup, then linear to 1 (host scalar)."""
@@ -162,19 +163,23 @@ class CreditBridge(LearnedCreditMethod):
         return out
 
     @torch.no_grad()
-    def bridge_targets(self, net: CreditNet, anchors: Tensor, y: Tensor, gen) -> Tensor:
-        """T = −λ log mean_k exp(−c_k/λ) over K noisy one-block continuations: (L, N)."""
+    def bridge_targets(
+        self, net: CreditNet, anchors: Tensor, y: Tensor, gen
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """T = −λ log mean_k exp(−c_k/λ) over K noisy one-block continuations: (L, N); also
+        the continuations' inputs u_k = a + σξ_k (L, K·N, d) and their values c_k (L, K·N)."""
         L, N, d = anchors.shape
         K = self.K
         xi = torch.randn((L, K * N, d), generator=gen, device=anchors.device)
-        nxt = net.step_all(anchors.repeat(1, K, 1) + self.sigma * xi)  # (L, K·N, d)
+        u = anchors.repeat(1, K, 1) + self.sigma * xi  # (L, K·N, d)
+        nxt = net.step_all(u)  # (L, K·N, d)
         c = torch.empty(L, K * N, device=anchors.device, dtype=nxt.dtype)  # (L, K·N)
         yK = tile(y, K)
         if L > 1:
             c[: L - 1] = self.V_target(nxt[: L - 1], net.target_features(yK), slice(1, L))
         c[L - 1] = net.loss_per_example(net.output(nxt[L - 1]), yK)  # V̄(·, L) = exact loss
-        c = c.view(L, K, N)
-        return -self.lam * (torch.logsumexp(-c / self.lam, dim=1) - math.log(K))
+        T = -self.lam * (torch.logsumexp(-c.view(L, K, N) / self.lam, dim=1) - math.log(K))
+        return T, u, c
 
     def train_feedback(self, net: CreditNet, ctx: CreditContext) -> dict[str, Tensor]:
         hs, L = ctx.hs, ctx.hs.shape[0] - 1
@@ -187,9 +192,23 @@ class CreditBridge(LearnedCreditMethod):
             zeta = torch.randn((L, B * (self.m - 1), hs.shape[2]), generator=gen, device=hs.device)
             anchors = torch.cat([clean, clean.repeat(1, self.m - 1, 1) + self.sigma * zeta], 1)
             ya = tile(y, self.m)  # labels of the anchors, (mB, ...)
-            T = self.bridge_targets(net, anchors, ya, gen)  # (L, mB)
+            T, u, c = self.bridge_targets(net, anchors, ya, gen)  # (L, mB), (L, K·mB, ·)
         v_a = self.V(anchors.detach(), net.target_features(ya), slice(0, L))  # (L, mB)
         bridge = (v_a - T).pow(2).mean()
+        if self.cont_weight > 0:
+            # Local differences at the continuations' inputs u_k = a + σξ_k: within one anchor,
+            # V(u_k) − mean_j V(u_j) should match c_k − mean_j c_j. Across examples values vary
+            # far more than within a σ-ball, so a plain regression never resolves the gradient;
+            # the centered differences are ≈ σ(ξ_k − ξ̄)·∇, a directional-derivative match in
+            # K−1 random directions per anchor (relative error, like the terminal match).
+            v_u = self.V(u, net.target_features(tile(ya, self.K)), slice(0, L))  # (L, K·mB)
+            dv = v_u.view(L, self.K, -1)
+            dc = c.view(L, self.K, -1)
+            dv = dv - dv.mean(1, keepdim=True)
+            dc = dc - dc.mean(1, keepdim=True)
+            cont = (dv - dc).pow(2).sum() / dc.pow(2).sum().clamp_min(1e-12)
+            total_cont = self.cont_weight * cont
+            logs_cont = cont.detach()
 
         h_L = hs[L, :B].detach().requires_grad_(True)  # detached leaf
         v_L = self.V(h_L[None], net.target_features(y), slice(L, L + 1))[0]  # (B,)
@@ -199,6 +218,9 @@ class CreditBridge(LearnedCreditMethod):
             "credit_bridge/bridge_loss": bridge.detach(),
             "credit_bridge/term_value_loss": term_value.detach(),
         }
+        if self.cont_weight > 0:
+            total = total + total_cont
+            logs["credit_bridge/cont_loss"] = logs_cont
         if self.term_grad_weight > 0:
             (gv,) = torch.autograd.grad(v_L.sum(), h_L, create_graph=True)  # double backward
             # normalized over the batch, not per example: a well-fitted example has a tiny
