@@ -91,6 +91,15 @@ def peak_memory_mb(name: str, P, device, batch: int, sets: list[str]) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec, so a
+    child forked from a big parent would report the parent's peak."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def loader_ms(device: torch.device, batch: int, n_batches: int = 50) -> float:
     """Per-batch time of DeviceLoader with augmentation on CIFAR-shaped uint8 data."""
     g = torch.Generator().manual_seed(0)
@@ -132,7 +141,7 @@ def main() -> None:
         state = build(args.peak_rss, P, device, args.batch)
         for s in range(2):
             one_step(state, s, 10, P, device)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(peak_rss_mb())
         return
 
     print(f"step time at d {P.d_hidden}, {P.num_blocks} blocks, mlp_ratio {P.mlp_ratio}, "

@@ -65,13 +65,14 @@ def terminal(net: CreditNet, h_L: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Te
 
 
 def surrogate_loss(fwd: LocalForward, credits: Tensor, g_L: Tensor, loss: Tensor) -> Tensor:
-    """Σ_l <g_l, h_l>/B over the local graphs + mean CE through the head (h_L detached)."""
-    B = loss.shape[0]
-    s = (credits[0].detach() * fwd.h0).sum()
-    for l in range(1, len(fwd.outs)):
-        s = s + (credits[l].detach() * fwd.outs[l - 1]).sum()  # block l gets g_l
-    s = s + (g_L.detach() * fwd.outs[-1]).sum()  # block L gets the exact g_L
-    return s / B + loss.mean()
+    """Σ_l <g_l, h_l>/B over the local graphs + mean CE through the head (h_L detached).
+
+    h_0 carries the embedding's graph and h_l (l ≥ 1) block l's, so layer l's parameters get
+    exactly (∂h_l/∂θ_l)^T g_l / B; block L gets the exact g_L.
+    """
+    g = torch.cat([credits.detach(), g_L.detach()[None]])  # (L+1, B, d)
+    h = torch.stack([fwd.h0, *fwd.outs])  # (L+1, B, d), one graph per layer
+    return (g * h).sum() / loss.shape[0] + loss.mean()
 
 
 @dataclass
