@@ -50,6 +50,11 @@ class CreditParams:
     num_anchors: int = p(2, "anchors per state, the clean state included", ge=1)
     term_grad_weight: float = p(1.0, "weight of terminal value-gradient matching", ge=0.0)
     fm_weight: float = p(0.0, "weight of final-loss (Monte-Carlo) value matching", ge=0.0)
+    gate_err: float = p(
+        0.0,
+        "if > 0: blend the bridge credit per layer, trusted as far as the local-difference error of it and every later layer is below gate_err (needs cont_weight > 0; 0: the seed's global blend)",
+        ge=0.0,
+    )
     cont_weight: float = p(
         0.0,
         "weight of the local-difference match of V at the continuations' inputs a+σξ_k to their values c_k (0: the seed's estimator)",

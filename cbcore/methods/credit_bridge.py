@@ -131,6 +131,14 @@ class CreditBridge(LearnedCreditMethod):
         self.momentum, self.fb_batch_frac = params.ema_momentum, params.fb_batch_frac
         self.warmup_frac, self.blend_frac = params.warmup_frac, params.blend_frac
         self.cont_weight = params.cont_weight
+        self.gate_err = params.gate_err
+        if self.gate_err > 0 and self.cont_weight == 0:
+            raise ValueError(
+                "credit_bridge: gate_err > 0 needs cont_weight > 0 (the gate reads "
+                "the local-difference error); set cont_weight or gate_err: 0"
+            )
+        # running per-layer relative error of the local-difference match (1 = untrained)
+        self.register_buffer("cont_err", torch.ones(L))
 
     def alpha(self, step: int, total_steps: int) -> float:
         """Blend weight of the bridge credit: 0 during warmup, then linear to 1 (host scalar)."""
@@ -148,18 +156,29 @@ class CreditBridge(LearnedCreditMethod):
             (g,) = torch.autograd.grad(v.sum(), h)
         return g
 
+    def trust(self) -> Tensor:
+        """Per-layer weight of the bridge credit under `gate_err` (L,): layer l is trusted as
+        far as its own and every later layer's local-difference error is below gate_err —
+        a forward-only estimate of the value gradient's quality (V_l leans on V̄_{l+1})."""
+        ok = (1 - self.cont_err / self.gate_err).clamp(0, 1)  # (L,)
+        return ok.flip(0).cumprod(0).flip(0)
+
     def credits(self, net: CreditNet, ctx: CreditContext) -> Tensor:
         a = self.alpha(ctx.step, ctx.total_steps)
-        if a == 1.0:
+        gated = self.gate_err > 0
+        if a == 1.0 and not gated:
             return self.bridge_credits(net, ctx)
         g_dfa = torch.einsum("ldc,bc->lbd", self.B.to(ctx.err.dtype), ctx.err)  # (L, B, d)
         if a == 0.0:
             return g_dfa
-        return (1 - a) * g_dfa + a * self.bridge_credits(net, ctx)
+        w = a * self.trust()[:, None, None] if gated else a  # (L, 1, 1) or a scalar
+        return (1 - w) * g_dfa + w * self.bridge_credits(net, ctx)
 
     def step(self, net: CreditNet, ctx: CreditContext):
         out = super().step(net, ctx)
         out.logs["credit_bridge/alpha"] = self.alpha(ctx.step, ctx.total_steps)
+        if self.gate_err > 0:
+            out.logs["credit_bridge/trust_mean"] = self.trust().mean()
         return out
 
     @torch.no_grad()
@@ -209,6 +228,9 @@ class CreditBridge(LearnedCreditMethod):
             cont = (dv - dc).pow(2).sum() / dc.pow(2).sum().clamp_min(1e-12)
             total_cont = self.cont_weight * cont
             logs_cont = cont.detach()
+            with torch.no_grad():  # per layer, for the trust gate
+                err = (dv - dc).pow(2).sum((1, 2)) / dc.pow(2).sum((1, 2)).clamp_min(1e-12)
+                self.cont_err.lerp_(err, 0.05)
 
         h_L = hs[L, :B].detach().requires_grad_(True)  # detached leaf
         v_L = self.V(h_L[None], net.target_features(y), slice(L, L + 1))[0]  # (B,)
