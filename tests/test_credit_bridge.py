@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cbcore.methods import make_method
+from cbcore.methods import CreditContext, make_method
+from cbcore.metrics import true_gradients
+from cbcore.train import train_step
 from tests.helpers import teacher_batch, tiny_net, tiny_params
 
 
@@ -31,9 +33,6 @@ def test_gated_credit_is_dfa_where_untrusted_and_bridge_where_trusted():
     P = tiny_params(cont_weight=1.0, gate_err=0.5)
     cb = make_method("credit_bridge", net, P)
     cb.cont_err.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # layer 0 untrusted, others fully
-    from cbcore.metrics import true_gradients
-    from cbcore.methods import CreditContext
-
     hs, grads, loss, err = true_gradients(net, x, y)
     ctx = CreditContext(hs=hs, y=y, g_L=grads[-1], err=err, loss=loss, step=99, total_steps=100)
     g = cb.credits(net, ctx)
@@ -51,8 +50,6 @@ def test_cont_loss_trains_and_updates_the_per_layer_error():
     net = tiny_net(L=4)
     x, y = teacher_batch(n=32)
     cb = make_method("credit_bridge", net, tiny_params(cont_weight=1.0))
-    from cbcore.train import train_step
-
     out = train_step(net, cb, None, x, y, 0, 10)
     assert "credit_bridge/cont_loss" in out.logs
     # moved from its initial 1 by 5% of the way towards the measured per-layer error
