@@ -136,11 +136,11 @@ def layer_epoch_heatmaps(grids: list, title: str | None = None, mark: tuple | No
     if not grids:
         return go.Figure(layout={"title": "no per-layer diagnostics logged", "height": 120})
     fig = make_subplots(rows=1, cols=len(grids), subplot_titles=[g.name for g in grids],
-                        horizontal_spacing=0.08)
-    n = len(grids)
+                        horizontal_spacing=0.1)
     for i, g in enumerate(grids, start=1):
         z, colors = _grid_z(g)
-        x0 = (i - 1) / n + 0.8 / n  # a color bar beside each panel
+        axis = fig.layout["xaxis" if i == 1 else f"xaxis{i}"]
+        x0 = axis.domain[1] + 0.005  # a color bar beside each panel
         fig.add_heatmap(x=[str(e) for e in g.epochs], y=g.layers.tolist(), z=z,
                         colorbar={"x": x0, "len": 0.9, "thickness": 10,
                                   "title": colors.pop("colorbar_title", g.name)},
