@@ -105,52 +105,68 @@ def stats_table(table: list[dict], title: str = ""):
     import plotly.graph_objects as go
 
     if not table:
-        return go.Figure(layout={"title": f"{title}: nothing to show", "height": 120})
+        return _empty(f"{title}: nothing to show")
     cols = list(table[0])
-    fig = go.Figure(go.Table(header={"values": cols, "align": "left"},
-                             cells={"values": [[_cell(r.get(c)) for r in table] for c in cols],
-                                    "align": "left"}))
-    fig.update_layout(title=title, height=140 + 28 * len(table), margin={"t": 40, "b": 10})
+    cells = [[_cell(r.get(c)) for r in table] for c in cols]
+    widths = [max(len(c), *(min(len(v), 60) for v in col)) for c, col in zip(cols, cells)]
+    chars = [w * 1000 / 7 / sum(widths) for w in widths]  # characters per line at ~1000 px
+    lines = [max(1, *(-(-len(col[i]) // max(int(n), 1)) for col, n in zip(cells, chars)))
+             for i in range(len(table))]
+    fig = go.Figure(go.Table(columnwidth=widths,
+                             header={"values": cols, "align": "left"},
+                             cells={"values": cells, "align": "left", "height": 24}))
+    fig.update_layout(title=title, height=110 + 24 * sum(lines), margin={"t": 40, "b": 10})
     return fig
+
+
+def _empty(title: str):
+    """A figure that only says something (no axes)."""
+    import plotly.graph_objects as go
+
+    return go.Figure(layout={"title": title, "height": 100, "xaxis": {"visible": False},
+                             "yaxis": {"visible": False}, "template": "plotly_white",
+                             "margin": {"t": 40, "b": 10}})
 
 
 def _grid_z(grid) -> tuple[list, dict]:
     """Heatmap values and color settings: cosines, correlations and efficiencies on [-1, 1]
-    (0 = useless), rho on log10 (0 = calibrated)."""
+    (0 = useless), rho on a log scale from 0.1 to 10 (1 = BP's scale)."""
     import numpy as np
 
     if grid.name.endswith("rho"):
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.log10(grid.values)
-        return z.tolist(), {"zmid": 0.0, "colorscale": "PuOr", "colorbar_title": "log₁₀ ρ"}
+        ticks = {"tickvals": [-1, -0.5, 0, 0.5, 1], "ticktext": ["0.1", "0.3", "1", "3", "10"]}
+        return z.tolist(), {"zmin": -1.0, "zmax": 1.0, "colorscale": "PuOr", "colorbar": ticks}
     return grid.values.tolist(), {"zmin": -1.0, "zmax": 1.0, "colorscale": "RdBu"}
 
 
 def layer_epoch_heatmaps(grids: list, title: str | None = None, mark: tuple | None = None):
     """One heatmap per `cbcore.analysis.Grid` (layer × epoch), side by side; `mark`: an
     (epoch, layer) to outline (the explorer's selection)."""
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     grids = [g for g in grids if g.values.size]
     if not grids:
-        return go.Figure(layout={"title": "no per-layer diagnostics logged", "height": 120})
+        return _empty("no per-layer diagnostics logged")
     fig = make_subplots(rows=1, cols=len(grids), subplot_titles=[g.name for g in grids],
                         horizontal_spacing=0.1)
     for i, g in enumerate(grids, start=1):
         z, colors = _grid_z(g)
         axis = fig.layout["xaxis" if i == 1 else f"xaxis{i}"]
-        x0 = axis.domain[1] + 0.005  # a color bar beside each panel
+        bar = {"x": axis.domain[1] + 0.005, "len": 0.9, "thickness": 10,  # beside its panel
+               **colors.pop("colorbar", {})}
+        hover = "%{customdata:.4g}" if g.name.endswith("rho") else "%{z:.4f}"
         fig.add_heatmap(x=[str(e) for e in g.epochs], y=g.layers.tolist(), z=z,
-                        colorbar={"x": x0, "len": 0.9, "thickness": 10,
-                                  "title": colors.pop("colorbar_title", g.name)},
-                        hovertemplate="epoch %{x}<br>layer %{y}<br>%{z:.4f}<extra></extra>",
+                        customdata=g.values.tolist(), colorbar=bar,
+                        hovertemplate="epoch %{x}<br>layer %{y}<br>" + hover + "<extra></extra>",
                         **colors, row=1, col=i)
         if mark is not None and mark[0] in g.epochs:
             fig.add_scatter(x=[str(mark[0])], y=[mark[1]], mode="markers", showlegend=False,
                             marker={"symbol": "square-open", "size": 18, "color": "black"},
                             row=1, col=i)
         fig.update_xaxes(title_text="epoch", type="category", row=1, col=i)
+    fig.update_yaxes(dtick=1)
     fig.update_yaxes(title_text="layer l", row=1, col=1)
     fig.update_layout(title=title or f"{grids[0].method}: per layer over epochs",
                       template="plotly_white", height=360)
@@ -173,7 +189,7 @@ def alignment_lines(grids: dict, title: str | None = None):
             fig.add_scatter(x=g.layers.tolist(), y=g.values[:, j].tolist(), mode="lines+markers",
                             name=f"epoch {epoch}", legendgroup=f"epoch {epoch}",
                             showlegend=col == 1, line={"color": colors[j]}, row=1, col=col)
-        fig.update_xaxes(title_text="layer l", row=1, col=col)
+        fig.update_xaxes(title_text="layer l", dtick=1, row=1, col=col)
         if name == "rho":
             fig.update_yaxes(type="log", row=1, col=col)
     method = next(iter(grids.values())).method if grids else ""
@@ -186,11 +202,10 @@ def nudge_curves(curves: list[dict], title: str | None = None):
     """Loss change vs ε after h_l ← h_l − ε‖h_l‖·dir/‖dir‖, along the credit, the true gradient
     and a random direction; one panel per layer. `curves`: `cbcore.analysis.nudge_data` dicts."""
     import numpy as np
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     if not curves:
-        return go.Figure(layout={"title": "no nudge curves", "height": 120})
+        return _empty("no nudge curves")
 
     def label(c) -> str:
         eff = c["efficiency"][np.isfinite(c["efficiency"])]
@@ -218,11 +233,10 @@ def nudge_curves(curves: list[dict], title: str | None = None):
 def value_vs_loss(data: list[dict], title: str | None = None):
     """The credit bridge's value V_φ(h_l, l, y) against the realized loss ℓ, one point per
     example, one panel per layer, with the line V = ℓ. `data`: `analysis.value_vs_loss` dicts."""
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     if not data:
-        return go.Figure(layout={"title": "no value network", "height": 120})
+        return _empty("no value network")
     fig = make_subplots(rows=1, cols=len(data), horizontal_spacing=0.06,
                         subplot_titles=[f"layer {d['layer']}: corr {d['corr']:.3f}" for d in data])
     for col, d in enumerate(data, start=1):
@@ -280,7 +294,7 @@ def layer_band_figure(bands: dict, prefix: str = "cos", title: str | None = None
               METHOD_COLORS.get(method))
     fig.update_layout(title=title or f"Final per-layer {prefix} with ∂ℓ/∂h_l: mean ± std over seeds",
                       xaxis_title="layer l", yaxis_title=prefix, template="plotly_white",
-                      height=400)
+                      height=400, xaxis_dtick=1)
     return fig
 
 
