@@ -6,7 +6,8 @@ and the same data order (a data generator seeded from `P.seed`), and writes the 
 DESIGN §8 into `run_dir`:
 
     metrics.jsonl   per epoch {"method", "epoch", "step", "train/loss", "train/acc",
-                    "test/acc", "train/lr", "time/epoch_s", <method logs>}, and every
+                    "test/acc", "train/lr", "time/epoch_s" (training + test evaluation),
+                    <method logs: feedback losses as epoch means, α at the epoch's end>}, and every
                     `diag_every` epochs (and at epochs 0 and the last) a diagnostics row
                     {"method", "epoch", "step", "cos/layer_00", ...} (cbcore.metrics.diagnose)
     summary.json    per method: status (completed | diverged), final metrics, divergence
@@ -193,8 +194,9 @@ def new_state(name: str, P: CifarParams, data: ImageData, device: torch.device,
 def check_resumable(state: dict, P: CifarParams, device: torch.device, path: Path) -> None:
     """A checkpoint continues only the run it came from: same params (bar RESUME_FREE)."""
     old, new = state.get("params", {}), to_dict(P)
-    diff = [f"{k}: {old.get(k)!r} → {new[k]!r}" for k in new
-            if k not in RESUME_FREE and old.get(k) != new[k]]
+    defaults = to_dict(type(P)())  # a key the checkpoint predates had its default value
+    diff = [f"{k}: {old.get(k, defaults[k])!r} → {new[k]!r}" for k in new
+            if k not in RESUME_FREE and old.get(k, defaults[k]) != new[k]]
     if diff:
         raise ResumeError(f"{path}: made with other params ({'; '.join(diff)}); resume with "
                           "the same params, or use a new run_dir (or delete its checkpoints/)")

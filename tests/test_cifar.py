@@ -15,7 +15,7 @@ from cbcore import checkpoint as ck
 from cbcore import cifar
 from cbcore.data import load_data
 from cbcore.methods.dfa import DFA
-from cbcore.params import load_params
+from cbcore.params import load_params, to_dict
 from cbcore.records import read_metrics, read_summary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +169,18 @@ def test_resume_refuses_other_params(uninterrupted, digits):
     _, run_dir = uninterrupted
     with pytest.raises(cifar.ResumeError, match=r"lr: 0.001 → 0.002"):
         run(tiny(lr=2.0e-3), run_dir, digits)
+
+
+def test_resume_accepts_checkpoints_older_than_a_new_param(tmp_path):
+    """A key the checkpoint predates counts as its default (a new param that keeps the old
+    behaviour by default must not strand existing runs); a changed value does not."""
+    P = tiny()
+    old = {k: v for k, v in to_dict(P).items() if k != "fm_weight"}
+    cifar.check_resumable({"params": old, "done": False, "device": "cpu"}, P,
+                          torch.device("cpu"), tmp_path / "last.pt")
+    with pytest.raises(cifar.ResumeError, match=r"fm_weight: 0.0 → 0.5"):
+        cifar.check_resumable({"params": old, "done": False, "device": "cpu"},
+                              tiny(fm_weight=0.5), torch.device("cpu"), tmp_path / "last.pt")
 
 
 def test_setup_device_and_threads(monkeypatch):
