@@ -420,3 +420,27 @@ def test_real_toy_records_bp_is_exact(tmp_path, one_thread):
     assert list(bands["bp"]["x"]) == [1, 11, 20]  # logged steps
     with pytest.raises(KeyError, match="no summary layout"):
         analysis.summary_spec("mnist")
+
+
+def test_a_diverged_method_still_gives_figures(tmp_path, digits, one_thread, monkeypatch):
+    """NaN weights after divergence: the data is NaN, and the figures are still made."""
+    from cbcore.methods.dfa import DFA
+
+    real = DFA.credits
+
+    def poisoned(self, net, ctx):
+        g = real(self, net, ctx)
+        return g * float("nan") if ctx.step == 5 else g  # step 5's update makes the net NaN
+
+    monkeypatch.setattr(DFA, "credits", poisoned)
+    P = load_params("cifar10", None, {**TINY, "methods": ["dfa"]})
+    res = cifar.run_cifar(P, tmp_path, data=digits, progress=False, verbose=False)
+    assert res.methods["dfa"]["status"] == "diverged"
+    monkeypatch.setattr(pio.renderers, "default", "json")
+    diag = analysis.RunDiagnostics(tmp_path, 16, data=digits)
+    assert diag.epochs("dfa") == [1, 2]
+    probe = diag.probe("dfa")
+    assert np.isnan(analysis.layer_alignment(probe)["cos"]).all()
+    figs = plots.DiagnosticsExplorer(diag, "credit_bridge").figures()  # absent: first method
+    assert figs["nudge"].layout.title.text.startswith("dfa, epoch 2")
+    assert plots.alignment_lines(analysis.checkpoint_grids(diag, "dfa")).data
