@@ -68,6 +68,9 @@ class CreditParams:
     fb_depth: int = p(2, "hidden layers of the feedback networks", ge=1)
     value_quadratic: bool = p(True, "value net has a per-layer quadratic term ½‖A h + C y + b‖²/r")
     value_rank: int = p(64, "rank r of the value net's quadratic term", ge=1)
+    value_mlp: bool = p(
+        True, "value net has the MLP term MLP([h, y]) (false: quadratic term + per-layer offset)"
+    )
     warmup_frac: float = p(
         0.2, "fraction of training where credit_bridge uses DFA credits", ge=0.0, le=1.0
     )

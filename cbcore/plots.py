@@ -358,18 +358,75 @@ class DiagnosticsExplorer:
         return out
 
     def render(self) -> None:
-        from IPython.display import clear_output
-
+        """Redraw. Each Output widget's outputs are set directly: output capture (`with out:`)
+        makes papermill's client send the captured outputs back to the kernel, and that can
+        hang the execution (jupyter/nbclient#312)."""
         figs = self.figures()
         for name, out in self.outputs.items():
-            with out:
-                clear_output(wait=True)
-                if figs[name] is not None:
-                    figs[name].show()
-                elif name == "value":
-                    print(f"{self.method.value} has no value network (value vs loss: credit_bridge)")
+            if figs[name] is not None:
+                out.outputs = (figure_output(figs[name]),)
+            else:
+                text = f"{self.method.value} has no value network (value vs loss: credit_bridge)"
+                out.outputs = ({"output_type": "stream", "name": "stdout", "text": text + "\n"},)
+
+
+def figure_output(fig) -> dict:
+    """A display_data output of a figure, for an Output widget's state: plotly's mimetype,
+    which JupyterLab draws with its plotly extension (no plotly.js in the output)."""
+    import plotly.io as pio
+
+    data = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
+    data["text/plain"] = f"<plotly figure: {fig.layout.title.text}>"
+    return {"output_type": "display_data", "data": data, "metadata": {}}
 
 
 def diagnostics_explorer(diag, method: str | None = None):
     """The explorer's widget, to display in a notebook (its `.explorer` is the object)."""
     return DiagnosticsExplorer(diag, method).widget
+
+
+# --- toy LQ (notebooks/toy_lq.ipynb): inputs come from cbcore.toy_lq.layer_curves/metric_curves
+
+
+def toy_layer_curves(curves: dict, metric: str = "cos", against: str = "∂ℓ/∂h_l",
+                     title: str | None = None):
+    """A per-layer metric over training steps, one panel per method, one line per layer
+    (dark = layer 0, light = last). `curves`: method -> (steps, [layer][step])."""
+    import plotly.colors as pc
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = list(curves)
+    if not names:
+        return go.Figure(layout={"title": f"no {metric} in these rows", "height": 100})
+    fig = make_subplots(rows=1, cols=len(names), shared_yaxes=True, subplot_titles=names,
+                        horizontal_spacing=0.02)
+    for col, name in enumerate(names, start=1):
+        steps, layers = curves[name]
+        n = len(layers)
+        colors = pc.sample_colorscale("Viridis", [i / max(n - 1, 1) for i in range(n)])
+        for l, vals in enumerate(layers):
+            fig.add_scatter(x=steps, y=vals, mode="lines", name=f"layer {l:02d}",
+                            line={"color": colors[l]}, legendgroup=f"layer {l:02d}",
+                            showlegend=col == 1, row=1, col=col)
+        fig.update_xaxes(title_text="step", row=1, col=col)
+    fig.update_yaxes(title_text=f"{metric} vs {against}", row=1, col=1)
+    fig.update_layout(title=title or f"Per-layer {metric} against {against} over training",
+                      template="plotly_white", height=380)
+    return fig
+
+
+def toy_metric_curves(curves: dict, key: str, title: str | None = None, log_y: bool = False):
+    """One logged scalar over training steps, one line per method.
+    `curves`: method -> (steps, values), as from `cbcore.toy_lq.metric_curves`."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, (steps, vals) in curves.items():
+        fig.add_scatter(x=steps, y=vals, mode="lines", name=name,
+                        line={"color": METHOD_COLORS.get(name)})
+    fig.update_layout(title=title or f"{key} over training", xaxis_title="step", yaxis_title=key,
+                      template="plotly_white", height=380)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig

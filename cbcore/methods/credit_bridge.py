@@ -43,7 +43,8 @@ def tile(t: Tensor, n: int) -> Tensor:
 class ValueNet(nn.Module):
     """V_φ for layers 0..L, one net per layer (stacked weights, layer-batched calls).
 
-    V(h, y) = MLP([h, y]) + ½·mean_r(u²),  u = A h + C y + c   (the quadratic part is optional)
+    V(h, y) = MLP([h, y]) + ½·mean_r(u²),  u = A h + C y + c   (either part is optional;
+                                                              without the MLP, + a per-layer offset)
 
     The quadratic term can represent a linear-quadratic value exactly (the toy's); the MLP
     term carries what is not quadratic (cross-entropy's log-sum-exp).
@@ -59,10 +60,15 @@ class ValueNet(nn.Module):
         quadratic: bool,
         rank: int,
         generator: torch.Generator,
+        mlp: bool = True,
     ) -> None:
         super().__init__()
+        if not (mlp or quadratic):
+            raise ValueError("credit_bridge: the value net needs value_mlp or value_quadratic")
         self.d = d
-        self.mlp = StackedMLP(n, d + dy, hidden, 1, depth, generator)
+        self.mlp = StackedMLP(n, d + dy, hidden, 1, depth, generator) if mlp else None
+        if not mlp:  # ½‖u‖² holds no constant: a per-layer offset stands in for the MLP's
+            self.offset = nn.Parameter(torch.zeros(n))  # (n,)
         # Per-layer input standardization h ↦ (h − μ_l)/s_l with running statistics held
         # as constants (buffers): an affine map, so ∇_h V stays exact, and the regression stays
         # well-conditioned while the states' scale drifts during training.
@@ -79,14 +85,21 @@ class ValueNet(nn.Module):
 
     def forward(self, h: Tensor, yf: Tensor, layers: slice = slice(None)) -> Tensor:
         """h (n, N, d), yf (N, dy) -> V (n, N)."""
-        n = h.shape[0]
-        h = (h - self.mu[layers, None]) / self.s[layers, None, None]  # (n, N, d)
-        yb = yf.expand(n, *yf.shape)  # (n, N, dy)
-        v = self.mlp(torch.cat([h, yb], -1), layers)[..., 0]  # (n, N)
+        n, N, _ = h.shape
+        mu, s = self.mu[layers], self.s[layers, None, None]  # (n, d), (n, 1, 1)
+        if self.mlp is not None:
+            hn = (h - mu[:, None]) / s  # (n, N, d)
+            v = self.mlp(torch.cat([hn, yf.expand(n, *yf.shape)], -1), layers)[..., 0]  # (n, N)
+        else:
+            v = self.offset[layers, None].expand(n, N)  # (n, N)
         if self.quadratic:
-            u = torch.baddbmm(self.c[layers, None], h, self.A[layers].transpose(1, 2))  # (n, N, r)
-            u = u + torch.bmm(yb, self.C[layers].transpose(1, 2))
-            v = v + 0.5 * u.pow(2).mean(-1)
+            # The standardization is folded into A and c, and y's term is one GEMM for all
+            # layers: the continuations make N large, and each pass over (n, N, ·) costs.
+            A = self.A[layers] / s  # (n, r, d)
+            c = self.c[layers] - torch.einsum("nrd,nd->nr", A, mu)  # (n, r)
+            yC = (yf @ self.C[layers].flatten(0, 1).T).view(N, n, -1).transpose(0, 1)  # (n, N, r)
+            u = torch.baddbmm(yC + c[:, None], h, A.transpose(1, 2))  # (n, N, r)
+            v = v + (0.5 / u.shape[-1]) * (u * u).sum(-1)
         return v
 
     @torch.no_grad()
@@ -117,6 +130,7 @@ class CreditBridge(LearnedCreditMethod):
             params.value_quadratic,
             params.value_rank,
             gen,
+            mlp=params.value_mlp,
         )
         self.V_target = ema_copy(self.V)  # V̄
         self.register_buffer("B", feedback_matrices(net, seed, params.dfa_scale))  # DFA warmup
