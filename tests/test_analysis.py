@@ -201,6 +201,12 @@ def test_explorer_callbacks_follow_the_widgets(diag, monkeypatch):
     assert list(mark.x) == ["1"] and list(mark.y) == [1]  # the selection, outlined
     ex.log_eps.value = (-2.0, -1.0)
     assert ex.figures()["nudge"].data[0].x[0] == pytest.approx(0.01)
+    # what the widgets show: outputs set as state (no output capture), plotly's mimetype
+    (shown,) = ex.outputs["nudge"].outputs
+    assert "application/vnd.plotly.v1+json" in shown["data"]
+    assert shown["data"]["text/plain"].startswith("<plotly figure: dfa, epoch 1")
+    (note,) = ex.outputs["value"].outputs
+    assert note["text"].startswith("dfa has no value network")
     assert isinstance(plots.diagnostics_explorer(diag, "bp").explorer, plots.DiagnosticsExplorer)
 
 

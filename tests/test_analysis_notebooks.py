@@ -33,6 +33,7 @@ def execute(src: str, out: Path, parameters: dict) -> nbformat.NotebookNode:
         kernel_name=runner.KERNEL_NAME,
         progress_bar=False,
         cwd=str(REPO),
+        execution_timeout=300,  # a hung cell fails the test instead of blocking it
     )
     return nbformat.read(out, as_version=4)
 
@@ -124,7 +125,12 @@ def test_diagnostics_notebook_renders_every_method_statically(root):
         assert any(f"{method}: per layer over epochs" in h for h in html), method
         assert any(f"{method}, epoch 2: nudge curves" in h for h in html), method
     assert any("value vs realized loss" in h for h in html)
-    assert outputs(nb, "application/vnd.jupyter.widget-view+json")  # the explorer, last
+    assert outputs(nb, "application/vnd.jupyter.widget-view+json")  # the explorer
+    state = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
+    shown = [
+        o for m in state.values() if m["model_name"] == "OutputModel" for o in m["state"]["outputs"]
+    ]
+    assert len(shown) == 3 and all("application/vnd.plotly.v1+json" in o["data"] for o in shown)
 
 
 def test_summary_notebook_names_the_failed_and_the_missing_seed(root):
