@@ -244,7 +244,7 @@ def plan_analyses(
                 continue
             done = [j for j in sj if (read_summary_safe(j.run_dir) or {}).get("status") in FINISHED]
             if a.per == "experiment":
-                out = root / experiment / str(profile) / a.notebook
+                out = root / experiment / (profile or "default") / a.notebook
                 stale = force or not out.exists() or any(j.name in ran for j in sj)
                 if done and stale:
                     jobs.append(
