@@ -217,8 +217,9 @@ def fmt(v: float) -> str:
 
 
 def metric_text(values: dict[str, float], limit: int | None = MAX_KEYS) -> str:
-    """`key value, key value` (the first `limit` of them), compactly."""
-    items = list(values.items())
+    """`key value, key value` (the first `limit` of them), compactly; per-layer keys
+    (`cos/layer_03`) go after the aggregates, so a row shows `cos/mean` before layer 0."""
+    items = sorted(values.items(), key=lambda kv: "/layer_" in kv[0])  # stable
     shown = items if limit is None else items[:limit]
     text = ", ".join(f"{k} {fmt(v)}" for k, v in shown)
     return text + (f", … +{len(items) - len(shown)}" if len(shown) < len(items) else "")
