@@ -52,7 +52,8 @@ class TestContract:
     def test_training_loss_falls_on_a_learnable_problem(self, name):
         net = tiny_net(seed=0)
         x, y = teacher_batch(n=128)
-        method = make_method(name, net, tiny_params())
+        # the default schedule: the credit bridge starts on DFA credits while its value net learns
+        method = make_method(name, net, tiny_params(warmup_frac=0.2, blend_frac=0.1))
         steps = 60
         opt, sched = make_optimizer(net, 1e-2, 0.0, steps)
         first = train_step(net, method, opt, x, y, 0, steps, sched).loss.item()
