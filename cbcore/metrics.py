@@ -15,7 +15,7 @@ from torch import Tensor
 from cbcore.methods.base import CreditContext, CreditMethod
 from cbcore.model import CreditNet
 from cbcore.records import layer_key
-from cbcore.train import local_forward
+from cbcore.train import local_forward, surrogate_loss
 
 DEFAULT_EPS = (0.01, 0.03, 0.1)
 
@@ -107,10 +107,7 @@ def local_grads(net: CreditNet, x: Tensor, credits: Tensor, g_L: Tensor) -> list
     (from g_0), entries 1..L the blocks' (block L from the exact g_L). L+1 vectors."""
     with torch.enable_grad():
         fwd = local_forward(net, x)
-        s = (credits[0] * fwd.h0).sum()
-        for l in range(1, net.num_layers):
-            s = s + (credits[l] * fwd.outs[l - 1]).sum()
-        s = (s + (g_L * fwd.outs[-1]).sum()) / x.shape[0]
+        s = surrogate_loss(fwd, credits, g_L, x.new_zeros(x.shape[0]))  # no head term
         emb, stacked = list(net.embed_parameters()), list(net.stacked_block_params())
         grads = torch.autograd.grad(s, emb + stacked, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, emb + stacked)]
