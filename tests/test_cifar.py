@@ -210,8 +210,9 @@ def test_load_trained_restores_final_model(uninterrupted, digits):
         cifar.load_trained(run_dir, "dfa", epoch=1, data=digits)
 
 
-def test_notebook_runs_under_papermill(tmp_path):
+def test_notebook_runs_under_papermill(tmp_path, monkeypatch):
     papermill = pytest.importorskip("papermill")
+    monkeypatch.setenv("CBCORE_NUM_THREADS", "1")  # the kernel inherits it: tiny net, no contention
     src = REPO / "notebooks" / "cifar.ipynb"
     nb = nbformat.read(src, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
