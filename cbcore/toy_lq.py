@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,9 +193,21 @@ class ToyResult:
     run_dir: Path | None = None
 
 
+NUM_THREADS_VAR = "CBCORE_NUM_THREADS"  # set by the batch runner when runs share the CPU
+
+
 def resolve_device(name: str) -> torch.device:
+    """The `device` param (auto: cuda if available, else cpu); applies $CBCORE_NUM_THREADS."""
+    threads = os.environ.get(NUM_THREADS_VAR)
+    if threads:
+        try:
+            torch.set_num_threads(int(threads))
+        except ValueError as e:
+            raise ValueError(f"${NUM_THREADS_VAR}={threads!r}: expected a thread count") from e
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {name!r} but CUDA is not available here; use auto or cpu")
     return torch.device(name)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nbformat
 import papermill as pm
+import pytest
 import torch
 
 from cbcore import metrics
@@ -21,6 +22,7 @@ from cbcore.toy_lq import (
     broadcast_baseline,
     exact_costates,
     products,
+    resolve_device,
     run_toy,
     soft_value_matrices,
     soft_value_mc,
@@ -191,7 +193,8 @@ def test_diverged_method_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
     assert summary["methods"]["bp"]["status"] == "completed"
 
 
-def test_notebook_runs_under_papermill(tmp_path):
+def test_notebook_runs_under_papermill(tmp_path, monkeypatch):
+    monkeypatch.setenv("CBCORE_NUM_THREADS", "1")  # the kernel inherits it: tiny toy, no contention
     nb_path = ROOT / "notebooks" / "toy_lq.ipynb"
     nb = nbformat.read(nb_path, as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
@@ -243,3 +246,15 @@ def test_quadratic_value_net_holds_the_soft_value_exactly():
     torch.testing.assert_close(
         vals - vals.mean(1, keepdim=True), V - V.mean(1, keepdim=True), rtol=1e-4, atol=1e-6
     )
+
+
+def test_thread_count_from_the_batch_runner(monkeypatch):
+    n = torch.get_num_threads()
+    monkeypatch.setenv("CBCORE_NUM_THREADS", "1")
+    try:
+        assert resolve_device("cpu") == torch.device("cpu") and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+    monkeypatch.setenv("CBCORE_NUM_THREADS", "two")
+    with pytest.raises(ValueError, match="CBCORE_NUM_THREADS"):
+        resolve_device("cpu")
