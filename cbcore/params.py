@@ -100,6 +100,9 @@ class ToyLQParams(CreditParams):
     log_every: int = p(100, "steps between logged diagnostics", ge=1)
     eval_batch: int = p(512, "examples in the fixed diagnostic batch", ge=1)
     device: str = p("cpu", "torch device: cpu, cuda, or auto")
+    num_threads: int = p(
+        1, "torch CPU threads (0: torch's default; $CBCORE_NUM_THREADS from the runner wins)", ge=0
+    )
     sigma_bridge: float = p(0.1, "bridge noise std (state units)", ge=0.0)
     K: int = p(8, "continuations per anchor for the bridge target", ge=1)
 

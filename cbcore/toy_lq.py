@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,18 +198,32 @@ NUM_THREADS_VAR = "CBCORE_NUM_THREADS"  # set by the batch runner when runs shar
 
 
 def resolve_device(name: str) -> torch.device:
-    """The `device` param (auto: cuda if available, else cpu); applies $CBCORE_NUM_THREADS."""
-    threads = os.environ.get(NUM_THREADS_VAR)
-    if threads:
-        try:
-            torch.set_num_threads(int(threads))
-        except ValueError as e:
-            raise ValueError(f"${NUM_THREADS_VAR}={threads!r}: expected a thread count") from e
+    """The `device` param: auto → cuda if available, else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device: {name!r} but CUDA is not available here; use auto or cpu")
     return torch.device(name)
+
+
+@contextmanager
+def cpu_threads(num_threads: int):
+    """Run with $CBCORE_NUM_THREADS, else `num_threads` (0: torch's default) torch CPU threads,
+    and restore the count after. The toy's ops are small: one thread is about as fast as two,
+    and when runs share the cores, more threads than free cores stall each other (measured on
+    this project's 2-core box under load: 50 → 730 ms per credit-bridge step)."""
+    before = torch.get_num_threads()
+    env = os.environ.get(NUM_THREADS_VAR)
+    try:
+        n = int(env) if env else num_threads
+    except ValueError as e:
+        raise ValueError(f"${NUM_THREADS_VAR}={env!r}: expected a thread count") from e
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def per_layer(prefix: str, values: Tensor) -> dict[str, float]:
@@ -351,6 +366,11 @@ def run_toy(
     """The whole Phase A experiment: every method of P.methods on the seeded toy (frozen, or
     training the M_l when P.train_forward), logged every P.log_every steps. With a run_dir it
     writes the run record of DESIGN §8 (params.yaml, provenance.json, metrics.jsonl, summary.json)."""
+    with cpu_threads(P.num_threads):
+        return _run_toy(P, run_dir, progress, profile)
+
+
+def _run_toy(P: ToyLQParams, run_dir, progress: bool, profile: str | None) -> ToyResult:
     device = resolve_device(P.device)
     result = ToyResult(run_dir=Path(run_dir) if run_dir is not None else None)
     record = None

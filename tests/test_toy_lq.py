@@ -20,9 +20,9 @@ from cbcore.records import read_metrics, read_summary
 from cbcore.toy_lq import (
     ToyLQ,
     broadcast_baseline,
+    cpu_threads,
     exact_costates,
     products,
-    resolve_device,
     run_toy,
     soft_value_matrices,
     soft_value_mc,
@@ -248,13 +248,16 @@ def test_quadratic_value_net_holds_the_soft_value_exactly():
     )
 
 
-def test_thread_count_from_the_batch_runner(monkeypatch):
+def test_thread_count_from_params_or_the_batch_runner(monkeypatch):
     n = torch.get_num_threads()
+    monkeypatch.delenv("CBCORE_NUM_THREADS", raising=False)
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n  # restored
     monkeypatch.setenv("CBCORE_NUM_THREADS", "1")
-    try:
-        assert resolve_device("cpu") == torch.device("cpu") and torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(n)
+    with cpu_threads(0):
+        assert torch.get_num_threads() == 1
     monkeypatch.setenv("CBCORE_NUM_THREADS", "two")
     with pytest.raises(ValueError, match="CBCORE_NUM_THREADS"):
-        resolve_device("cpu")
+        with cpu_threads(1):
+            pass
