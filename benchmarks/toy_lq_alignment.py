@@ -95,13 +95,14 @@ def final(summary: dict, column: str, prefix: str, l: int) -> float:
 
 
 def alignment(args: argparse.Namespace) -> None:
-    overrides = {"methods": METHODS, "num_steps": args.steps}
+    overrides = {"methods": METHODS, "num_steps": args.steps, "num_threads": args.threads}
     P = load_params("toy_lq", None, overrides)
     print(
         f"toy_lq frozen: d {P.d_hidden}, L {P.num_layers}, {P.num_steps} steps, batch "
         f"{P.batch_size}, sigma {P.sigma_bridge}, lam {P.lam}, K {P.K}, cont_weight "
         f"{P.cont_weight}, value_mlp {P.value_mlp}, fb_hidden {P.fb_hidden}, fb_batch_frac "
-        f"{P.fb_batch_frac}; torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
+        f"{P.fb_batch_frac}; torch threads {P.num_threads or torch.get_num_threads()}, "
+        f"{platform.processor() or platform.machine()}"
     )
     summaries = []
     for seed in args.seeds:
@@ -140,7 +141,12 @@ def ablations(args: argparse.Namespace) -> None:
         if name not in names:
             continue
         steps = over.get("num_steps", args.steps)
-        overrides = {"methods": ["credit_bridge"], "num_steps": steps, **over}
+        overrides = {
+            "methods": ["credit_bridge"],
+            "num_steps": steps,
+            "num_threads": args.threads,
+            **over,
+        }
         summary, cpu, wall = run_seed(args.seeds[0], overrides, args.progress)
         m = summary["methods"]["credit_bridge"]
         f = m["final"]
@@ -178,7 +184,7 @@ def ablations(args: argparse.Namespace) -> None:
                 "what": "credit_bridge on the frozen toy, cosine of ∇V_φ with the exact costate at the "
                 "last step; each row = params/toy_lq.yaml + its overrides",
                 "seed": args.seeds[0],
-                "torch_threads": torch.get_num_threads(),
+                "torch_threads": args.threads,
                 "yaml": {
                     k: base[k]
                     for k in (
@@ -214,11 +220,9 @@ def main() -> None:
     ap.add_argument("--ablations", action="store_true", help="run the value-net ablations")
     ap.add_argument("--variant", action="append", choices=[a[0] for a in ABLATIONS])
     ap.add_argument("--out", default=str(ABLATIONS_PATH))
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (num_threads)")
     ap.add_argument("--progress", action="store_true", help="tqdm bars")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.ablations:
         args.steps = args.steps or 3000
         ablations(args)
